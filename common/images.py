@@ -64,7 +64,6 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 # What Pillow raises while decoding damaged or unusual data, besides OSError.
 _DECODE_ERRORS = (
-    OSError,
     SyntaxError,
     ValueError,
     EOFError,
@@ -142,6 +141,10 @@ def load_image(path, *, max_size=0, size=None, allow_large=False):
         ) from error
     except UnidentifiedImageError as error:
         raise ImageError(path, "not an image file Pillow can read") from error
+    except OSError as error:
+        if error.errno is None:  # Pillow's own complaint about the data
+            raise ImageError(path, f"cannot decode the image ({error})") from error
+        raise ImageError(path, f"cannot read ({_reason(error)})") from error
     except _DECODE_ERRORS as error:
         raise ImageError(path, f"cannot decode the image ({error})") from error
 

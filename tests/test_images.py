@@ -335,6 +335,20 @@ def test_bad_files_give_one_line_naming_the_path(folder, cat, make, words, as_te
     assert "\n" not in message
 
 
+def test_unreadable_file_gives_the_reason_once(shared_dir, folder, monkeypatch):
+    path = folder / "private.png"
+    path.write_bytes((shared_dir / "images" / "chelsea_cat.png").read_bytes())
+
+    # Root ignores permission bits, so the refusal is simulated.
+    def refuse(fp, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(fp))
+
+    monkeypatch.setattr(images.Image, "open", refuse)
+    with pytest.raises(ImageError) as refused:
+        load_image(path)
+    assert str(refused.value) == f"{path}: cannot read (Permission denied)"
+
+
 @pytest.mark.parametrize(
     ("options", "words"),
     [
