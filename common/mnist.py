@@ -198,17 +198,10 @@ def read_npz(path):
     """
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            missing = [key for key in NPZ_KEYS if key not in archive.files]
-            if missing:
-                raise MnistError(
-                    f"{path} lacks the key(s) {', '.join(missing)}; expected "
-                    f"{', '.join(NPZ_KEYS)}"
-                )
-            arrays = {key: archive[key] for key in NPZ_KEYS}
-    except MnistError:
-        raise
+        arrays = _load_npz_arrays(path)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        if isinstance(error, MnistError):
+            raise
         raise MnistError(
             f"cannot read {path} as an npz file of arrays: {_one_line(error)}"
         ) from error
@@ -218,6 +211,22 @@ def read_npz(path):
     for key in ("y_train", "y_test"):
         arrays[key] = _check_npz_labels(arrays[key], f"{path} [{key}]")
     return arrays
+
+
+def _load_npz_arrays(path):
+    # The file is opened here so that it is closed even when numpy fails.
+    with open(path, "rb") as handle:
+        archive = np.load(handle, allow_pickle=False)
+        if isinstance(archive, np.ndarray):
+            raise MnistError(f"{path} holds a single .npy array, not an npz archive")
+        with archive:
+            missing = [key for key in NPZ_KEYS if key not in archive.files]
+            if missing:
+                raise MnistError(
+                    f"{path} lacks the key(s) {', '.join(missing)}; expected "
+                    f"{', '.join(NPZ_KEYS)}"
+                )
+            return {key: archive[key] for key in NPZ_KEYS}
 
 
 def _check_npz_images(images, where):

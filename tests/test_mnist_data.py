@@ -200,6 +200,14 @@ def test_read_npz_refuses_a_file_that_is_not_npz(tmp_path):
         read_npz(path)
 
 
+def test_read_npz_refuses_a_single_npy_array(tmp_path):
+    path = tmp_path / "mnist.npz"
+    with open(path, "wb") as handle:
+        np.save(handle, tiny_images(5))
+    with pytest.raises(MnistError, match="holds a single .npy array, not an npz"):
+        read_npz(path)
+
+
 # ---------------------------------------------------------------- the real data
 
 
