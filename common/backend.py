@@ -9,6 +9,7 @@ The precedence is: ``--backend``, else ``KERAS_BACKEND``, else ``keras.json`` if
 it names torch or jax, else torch.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -272,3 +273,235 @@ def seed_everything(seed):
     import keras
 
     keras.utils.set_random_seed(int(seed))
+
+
+# ---------------------------------------------------------------------------
+# Loss and gradient with respect to the image, on the device
+# ---------------------------------------------------------------------------
+
+DEFAULT_MEMORY_HINT = "try a smaller --max_size"
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or its gradient became NaN or infinite."""
+
+
+class DeviceMemoryError(MemoryError):
+    """The device ran out of memory; the message says what to change."""
+
+
+def to_device(array):
+    """A NumPy array as a float32 backend tensor on the Keras device."""
+    import keras
+    import numpy as np
+
+    return keras.ops.convert_to_tensor(np.asarray(array, dtype=np.float32))
+
+
+def to_numpy(tensor):
+    """A backend tensor as a NumPy array on the host (one device-to-host copy)."""
+    import keras
+
+    return keras.ops.convert_to_numpy(tensor)
+
+
+def image_gradient_fn(loss_fn, *, variables=None, check_finite=True):
+    """Compile ``loss_fn`` into ``step(image) -> (loss, grad)`` on the device.
+
+    ``loss_fn(image)`` takes ``image: float32 (1, height, width, 3), RGB,
+    0..255`` as a backend tensor and returns a scalar backend tensor. ``step``
+    returns the loss (scalar tensor) and its gradient with respect to the image
+    only (a tensor shaped like the image); both stay on the device. No gradient
+    is computed or stored for any weight: on torch, ``torch.autograd.grad`` is
+    taken with respect to the image alone (and frozen Keras weights have
+    ``requires_grad`` off); on JAX, ``jax.value_and_grad`` differentiates the
+    image argument alone, inside ``jax.jit`` (one compilation per image shape).
+
+    ``variables`` (JAX only; ignored on torch): the Keras variables
+    ``loss_fn`` reads, e.g. ``model.variables``. Given, they are passed to the
+    compiled function as arguments, which compiles faster; left out, their
+    values are folded into the compiled function as constants, which compiles
+    slower but ran about a third faster on a CPU.
+
+    With ``check_finite``, a NaN or infinite loss or gradient raises
+    :class:`NonFiniteError`. The check costs one scalar copy to the host per
+    step: ``loss + 0 * max(|grad|)`` is reduced on the device and is finite
+    only when both are, so the whole gradient never leaves the device.
+    """
+    import keras
+
+    name = keras.backend.backend()
+    if name == "torch":
+        step = _torch_value_and_grad(loss_fn)
+    elif name == "jax":
+        step = _jax_value_and_grad(loss_fn, variables)
+    else:
+        raise RuntimeError(f"unsupported Keras backend {name!r}")
+
+    def checked_step(image):
+        loss, grad, health = step(image)
+        if check_finite:
+            _check_finite(loss, health)
+        return loss, grad
+
+    return checked_step
+
+
+def _health(loss, grad):
+    """A scalar that is finite only when ``loss`` and every ``grad`` value are."""
+    import keras
+
+    return loss + 0.0 * keras.ops.max(keras.ops.abs(grad))
+
+
+def _check_finite(loss, health):
+    import math
+
+    if math.isfinite(float(health)):
+        return
+    value = float(loss)
+    if math.isfinite(value):
+        raise NonFiniteError(
+            f"the gradient with respect to the image holds NaN or infinity "
+            f"(loss {value:.6g})"
+        )
+    raise NonFiniteError(f"the loss is {value}; the image or the loss produced it")
+
+
+def _torch_value_and_grad(loss_fn):
+    import keras
+    import torch
+
+    def step(image):
+        image = keras.ops.convert_to_tensor(image).detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = loss_fn(image)
+            (grad,) = torch.autograd.grad(loss, image)
+        loss = loss.detach()
+        return loss, grad, _health(loss, grad)
+
+    return step
+
+
+def _jax_value_and_grad(loss_fn, variables):
+    import jax
+    import keras
+
+    if variables is None:
+
+        def loss_and_health(image):
+            loss, grad = jax.value_and_grad(loss_fn)(image)
+            return loss, grad, _health(loss, grad)
+
+        compiled = jax.jit(loss_and_health)
+        return lambda image: compiled(keras.ops.convert_to_tensor(image))
+
+    variables = list(variables)
+
+    def stateless_loss(values, image):
+        with keras.StatelessScope(
+            state_mapping=list(zip(variables, values, strict=True))
+        ):
+            return loss_fn(image)
+
+    def stateless_loss_and_health(values, image):
+        loss, grad = jax.value_and_grad(stateless_loss, argnums=1)(values, image)
+        return loss, grad, _health(loss, grad)
+
+    compiled = jax.jit(stateless_loss_and_health)
+
+    def step(image):
+        values = [variable.value for variable in variables]
+        return compiled(values, keras.ops.convert_to_tensor(image))
+
+    return step
+
+
+def host_value_and_grad(loss_fn, shape, *, variables=None):
+    """``loss_fn`` as ``f(x) -> (loss, grad)`` in float64 NumPy, for SciPy's L-BFGS.
+
+    ``x`` is the flattened image, float64 of ``prod(shape)`` values, with
+    ``shape`` usually ``(1, height, width, 3)``; ``loss`` is a Python float and
+    ``grad`` a flat float64 array. Each call copies the image to the device
+    once and the loss and gradient back once; the work between runs on the
+    device through :func:`image_gradient_fn`.
+    """
+    import numpy as np
+
+    shape = tuple(shape)
+    step = image_gradient_fn(loss_fn, variables=variables)
+
+    def value_and_grad(x):
+        image = to_device(np.reshape(x, shape))
+        loss, grad = step(image)
+        return float(loss), to_numpy(grad).astype(np.float64).ravel()
+
+    return value_and_grad
+
+
+# ---------------------------------------------------------------------------
+# Out of memory
+# ---------------------------------------------------------------------------
+
+
+def is_out_of_memory(exc):
+    """Whether ``exc`` is the backend (or Python) running out of memory."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    # torch.cuda.OutOfMemoryError, and the MPS and CPU allocators' RuntimeError;
+    # JAX raises XlaRuntimeError with the gRPC-style RESOURCE_EXHAUSTED status.
+    return (
+        type(exc).__name__ == "OutOfMemoryError"
+        or "RESOURCE_EXHAUSTED" in text
+        or "out of memory" in text.lower()
+    )
+
+
+def oom_message(exc, where="", hint=DEFAULT_MEMORY_HINT):
+    """One line for an out-of-memory ``exc``, or ``None`` if it is something else.
+
+    ``where`` says what was being done, e.g. ``"at 2048x1536"``.
+    """
+    if not is_out_of_memory(exc):
+        return None
+    parts = [f"out of memory on {_device_name()}"]
+    if where:
+        parts.append(f" {where}")
+    if hint:
+        parts.append(f"; {hint}")
+    return "".join(parts)
+
+
+@contextlib.contextmanager
+def out_of_memory_hint(where="", hint=DEFAULT_MEMORY_HINT):
+    """Turn an out-of-memory error inside the block into :class:`DeviceMemoryError`.
+
+    Example: ``with out_of_memory_hint("at 2048x1536", "try a smaller
+    --max_size or --tile_size"): ...``. Other errors pass through unchanged.
+    """
+    try:
+        yield
+    except DeviceMemoryError:
+        raise
+    except Exception as exc:
+        message = oom_message(exc, where, hint)
+        if message is None:
+            raise
+        raise DeviceMemoryError(message) from exc
+
+
+def _device_name():
+    if "keras" not in sys.modules:
+        return "the host"
+    import keras
+
+    name = keras.backend.backend()
+    if name == "torch":
+        return str(torch_device())
+    if name == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        return f"{device.platform}:{device.id}"
+    return name
