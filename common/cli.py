@@ -1,0 +1,163 @@
+"""Command-line pieces the image scripts share.
+
+Each ``add_*`` function adds one option to an ``argparse`` parser, with its
+one default; the ``type=`` validators turn a bad value into argparse's usual
+one-line usage error (exit status 2). Help strings never restate a default:
+:class:`HelpFormatter` appends it.
+
+Nothing here imports Keras, so a script can parse its arguments, then call
+``common.backend.select_backend(args.backend)``, and only then import Keras
+(and build models with ``common.vgg16``).
+"""
+
+import argparse
+import os
+from pathlib import Path
+
+from common.backend import BACKENDS
+from common.images import ALLOW_LARGE_FLAG
+from common.vgg16 import DEFAULT_WEIGHTS_ROOT, WEIGHTS_FORMATS, check_layers
+
+
+class HelpFormatter(
+    argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter
+):
+    """Shows each option's default and keeps the module docstring's line breaks."""
+
+
+class ScriptRelativePath(os.PathLike):
+    """A default path beside the scripts: absolute when used, short in ``--help``.
+
+    Pass it through ``Path()`` (or any function taking a path) to use it.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __fspath__(self):
+        return os.fspath(self.path)
+
+    def __str__(self):
+        return f"{self.path.name}/ beside the scripts"
+
+    def __repr__(self):
+        return f"ScriptRelativePath({os.fspath(self.path)!r})"
+
+
+# ---------------------------------------------------------------------------
+# Validators for type=
+# ---------------------------------------------------------------------------
+
+
+def _number(text, convert, kind):
+    try:
+        return convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+
+
+def non_negative_int(text):
+    """An int >= 0."""
+    value = _number(text, int, "a whole number")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
+def positive_int(text):
+    """An int >= 1."""
+    value = _number(text, int, "a whole number")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {value}")
+    return value
+
+
+def positive_float(text):
+    """A finite float > 0."""
+    value = _number(text, float, "a number")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text}")
+    return value
+
+
+def non_negative_float(text):
+    """A finite float >= 0."""
+    value = _number(text, float, "a number")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected 0 or a number above, got {text}")
+    return value
+
+
+def vgg16_layers(text):
+    """Comma-separated VGG16 layer names, e.g. ``block4_conv3,block5_conv1``."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    try:
+        return check_layers(names)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+# ---------------------------------------------------------------------------
+# Options
+# ---------------------------------------------------------------------------
+
+
+def add_backend_argument(parser):
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=None,
+        help="Keras backend; when not given: KERAS_BACKEND, else keras.json if it "
+        "names torch or jax, else torch",
+    )
+
+
+def add_seed_argument(parser):
+    parser.add_argument(
+        "--seed",
+        type=non_negative_int,
+        default=0,
+        help="random seed, for runs that can be repeated",
+    )
+
+
+def add_weights_arguments(parser):
+    parser.add_argument(
+        "--weights_root",
+        type=Path,
+        default=ScriptRelativePath(DEFAULT_WEIGHTS_ROOT),
+        help="VGG16 weights file, or a folder to look in (see weights/README.md)",
+    )
+    parser.add_argument(
+        "--weights_format",
+        choices=WEIGHTS_FORMATS,
+        default="auto",
+        help="format of the weights file; auto decides by its content",
+    )
+
+
+def add_max_size_argument(parser, default):
+    parser.add_argument(
+        "--max_size",
+        type=non_negative_int,
+        default=default,
+        help="longest image side in pixels (larger images are scaled down; "
+        "0 keeps the original size)",
+    )
+
+
+def add_allow_large_images_argument(parser):
+    parser.add_argument(
+        ALLOW_LARGE_FLAG,
+        action="store_true",
+        help="open images past Pillow's decompression-bomb pixel limit",
+    )
+
+
+def add_common_arguments(parser, *, max_size):
+    """All the options above; ``max_size`` is the script's own default."""
+    add_weights_arguments(parser)
+    add_max_size_argument(parser, max_size)
+    add_seed_argument(parser)
+    add_backend_argument(parser)
+    add_allow_large_images_argument(parser)
