@@ -247,6 +247,16 @@ def test_file_with_top_and_nested_weight_paths_loads(tmp_path):
     assert set(weights.layers) == set(vgg16.CONV_LAYERS)
 
 
+def test_weights_inside_a_whole_model_save_load(tmp_path):
+    inner = write_keras_h5(tmp_path / "weights.h5")
+    path = tmp_path / "model.h5"
+    with h5py.File(path, "w") as file, h5py.File(inner, "r") as weights:
+        file.attrs["model_config"] = "{}"
+        weights.copy(weights["/"], file, name="model_weights")
+    assert vgg16.detect_format(path) == "keras-tf"
+    assert set(vgg16.load_weights(path).layers) == set(vgg16.CONV_LAYERS)
+
+
 def test_not_hdf5(tmp_path):
     path = tmp_path / "notes.h5"
     path.write_text("not weights")
