@@ -4,6 +4,7 @@ Keras fixes its backend per process, so the suite runs once per backend:
 ``KERAS_BACKEND=torch pytest`` and ``KERAS_BACKEND=jax pytest``.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -21,9 +22,15 @@ BACKEND = backend.select_backend().name
 
 @pytest.fixture(scope="session")
 def shared_dir():
-    """The real data beside the repository: MNIST, VGG16 weights, photos."""
+    """The real data beside the repository: MNIST, VGG16 weights, photos.
+
+    A clone without it skips the tests that need it; CI must have it.
+    """
     if not SHARED.is_dir():
-        pytest.fail(f"the real test data is missing: expected {SHARED}")
+        message = f"the real test data is missing: expected the folder {SHARED}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
     return SHARED
 
 
