@@ -183,6 +183,13 @@ class Run:
             path = self.save_snapshot(current_image())
             self.write(f"saved {path}")
 
+    def skip(self, steps):
+        """Drop ``steps`` planned steps that will not be taken (a stage ended
+        early); the bar's total shrinks, the count of steps taken is unchanged."""
+        self.total_steps -= int(steps)
+        self._bar.total = self.total_steps
+        self._bar.refresh()
+
     def save_snapshot(self, pixels):
         """Write ``pixels`` as ``<prefix>_at_iteration_N.png`` for the current N."""
         path = iteration_path(self.prefix, self.iteration)
