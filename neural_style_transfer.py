@@ -362,10 +362,11 @@ def lbfgs(loss, start, iterations, on_step):
     ``start``: float32 (1, height, width, 3), RGB, 0..255, on the host. Each
     evaluation copies the image to the device and the loss and gradient back,
     once each (:func:`common.backend.host_value_and_grad`). ``on_step(pixels,
-    device_image, loss)`` is called after every iteration with callables for
-    the image on the host and on the device. Returns the final image (as
-    ``start``), the number of evaluations, and SciPy's words when it stopped
-    before ``iterations``.
+    device_image, loss)`` is called after every iteration: ``pixels()`` gives
+    the image now on the host, ``device_image()`` the image that ``loss`` was
+    measured on, on the device (here both are the iteration's result).
+    Returns the final image (as ``start``), the number of evaluations, and
+    SciPy's words when it stopped before ``iterations``.
     """
     from scipy.optimize import Bounds, minimize
 
@@ -402,7 +403,8 @@ def lbfgs(loss, start, iterations, on_step):
 def adam(loss, start, iterations, learning_rate, on_step):
     """Minimise ``loss`` with Adam; the image, moments and update stay on the device.
 
-    Arguments as :func:`lbfgs`, plus ``learning_rate`` in grey levels: Adam's
+    Arguments as :func:`lbfgs` (but ``loss`` is measured before each step),
+    plus ``learning_rate`` in grey levels: Adam's
     steps are about that size whatever the loss's scale. After each step the
     image is clipped to 0..255. Only the loss (a scalar) comes to the host per
     step, for the progress bar and the non-finite check.
@@ -421,11 +423,11 @@ def adam(loss, start, iterations, learning_rate, on_step):
         # Bias correction as in Kingma and Ba (2015), folded into the step size.
         step_size = learning_rate * math.sqrt(1.0 - beta2**count) / (1.0 - beta1**count)
         update = step_size * moment1 / (ops.sqrt(moment2) + ADAM_EPSILON)
-        image = ops.clip(image - update, 0.0, 255.0)
-        current = image
+        previous, image = image, ops.clip(image - update, 0.0, 255.0)
+        # The loss is the previous image's, so the parts are computed there too.
         on_step(
-            lambda current=current: backend.to_numpy(current)[0],
-            lambda current=current: current,
+            lambda image=image: backend.to_numpy(image)[0],
+            lambda previous=previous: previous,
             float(value),
         )
     return backend.to_numpy(image), iterations, None
