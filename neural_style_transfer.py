@@ -50,9 +50,15 @@ PARTS_EVERY = 10
 # iteration (SciPy's default); the gradient test is off because the loss scale
 # says nothing about how finished a picture is.
 LBFGS_FTOL = 2.2e-9
+# A loss that changes by less than this fraction over this many iterations has
+# stopped moving, and the run says so.
+STALL_TOLERANCE = 1e-5
+STALL_WINDOW = 10
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPSILON = 1e-8
 PART_NAMES = ("content", "style", "tv")
+# Pixels high of the --montage sheet: large enough to see strokes, small on disk.
+MONTAGE_HEIGHT = 200
 
 # NTSC YIQ from RGB: Y is the luminance that --original_colors styles, I and Q
 # the colour it takes from the content image.
@@ -396,7 +402,9 @@ def lbfgs(loss, start, iterations, on_step):
         callback=after_iteration,
         options={"maxiter": iterations, "ftol": LBFGS_FTOL, "gtol": 0.0},
     )
-    stopped = None if result.nit >= iterations else str(result.message)
+    stopped = None
+    if result.nit < iterations:
+        stopped = f"L-BFGS ended after {result.nit} iterations ({result.message})"
     return result.x.reshape(shape).astype(np.float32), evaluations, stopped
 
 
@@ -431,6 +439,15 @@ def adam(loss, start, iterations, learning_rate, on_step):
             float(value),
         )
     return backend.to_numpy(image), iterations, None
+
+
+def stalled(losses):
+    """Whether the last :data:`STALL_WINDOW` steps changed the loss by less
+    than :data:`STALL_TOLERANCE` of it."""
+    if len(losses) <= STALL_WINDOW:
+        return False
+    earlier, last = losses[-STALL_WINDOW - 1], losses[-1]
+    return abs(earlier - last) <= STALL_TOLERANCE * abs(earlier)
 
 
 # ---------------------------------------------------------------------------
@@ -488,7 +505,8 @@ def size_text(size):
 
 
 def transfer(args, model, content, styles, start, progress):
-    """Optimise one scale; returns the result, the evaluations and any early stop.
+    """Optimise one scale; returns the result, the evaluations and, when the loss
+    stopped moving, a few words on how.
 
     ``content``, ``styles`` and ``start`` are float32 (height, width, 3), RGB,
     0..255 at this scale. With ``--original_colors`` the network sees only
@@ -511,7 +529,10 @@ def transfer(args, model, content, styles, start, progress):
         loss_weights,
     )
 
+    history = []
+
     def on_step(pixels, device_image, value):
+        history.append(value)
         losses = {"loss": value}
         if (progress.iteration + 1) % PARTS_EVERY == 0:
             values = parts(device_image())
@@ -527,6 +548,8 @@ def transfer(args, model, content, styles, start, progress):
         )
     else:
         final, evaluations, stopped = lbfgs(loss, start[None], args.iterations, on_step)
+    if stopped is None and stalled(history):
+        stopped = f"less than {STALL_TOLERANCE:.0e} of it in {STALL_WINDOW} iterations"
     return coloured(final[0]), evaluations, stopped
 
 
@@ -627,7 +650,7 @@ def main(argv=None):
                 f"{evaluations} loss-and-gradient evaluations"
             )
             if stopped:
-                progress.write(f"the loss stopped moving: L-BFGS says {stopped!r}")
+                progress.write(f"the loss stopped moving: {stopped}")
         path = progress.finish(result)
     print(f"saved {path}")
 
@@ -637,7 +660,9 @@ def main(argv=None):
         captions += [f"style: {style.path.name}" for style in styles]
         captions.append(f"result: {path.name}")
         sheet = montage(
-            [content.pixels, *(style.pixels for style in styles), result], captions
+            [content.pixels, *(style.pixels for style in styles), result],
+            captions,
+            height=MONTAGE_HEIGHT,
         )
         montage_path = output.with_name(f"{output.stem}_montage{output.suffix}")
         print(f"saved {save_image(sheet, montage_path)}")

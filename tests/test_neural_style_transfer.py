@@ -274,6 +274,22 @@ def test_each_init_starts_where_it_says(weights, images, tmp_path, init):
         assert np.abs(result - pixels(content)).mean() > 10
 
 
+@pytest.mark.parametrize(
+    ("optimizer", "words"),
+    [("lbfgs", "L-BFGS ended after 0 iterations"), ("adam", "in 10 iterations")],
+)
+def test_a_loss_that_stops_moving_is_reported(
+    weights, images, tmp_path, capsys, optimizer, words
+):
+    content, style, _ = images
+    zero = ["--content_weight", "0", "--style_weight", "0", "--tv_weight", "0"]
+    args = [content, style, tmp_path / "flat", *FAST, "--iter", "12", *zero]
+    assert run_main(weights, *args, "--optimizer", optimizer) == 0
+    out = capsys.readouterr().out
+    assert "the loss stopped moving" in out and words in out
+    assert (tmp_path / "flat.png").is_file()
+
+
 def test_init_image_continues_from_a_saved_result(weights, images, tmp_path):
     content, style, other = images
     start = write_image(tmp_path / "start.png", (48, 64), 7)  # resized to 24x32
