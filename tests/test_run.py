@@ -201,3 +201,16 @@ def test_script_errors_pass_the_return_value():
 
     assert main(["ok"]) == 0
     assert main([]) == 3
+
+
+def test_skip_shortens_the_run_but_not_the_count(tmp_path):
+    with run.Run(tmp_path / "dream", total_steps=10, save_every=3, quiet=True) as r:
+        for level in range(1, 5):
+            r.step(lambda level=level: grey(level), loss=1.0)
+        r.skip(6)
+        assert (r.iteration, r.total_steps) == (4, 4)
+        r.finish(grey(4))
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "dream.png",
+        "dream_at_iteration_3.png",
+    ]
