@@ -16,7 +16,14 @@ from pathlib import Path
 
 from common.backend import BACKENDS
 from common.images import ALLOW_LARGE_FLAG
-from common.vgg16 import DEFAULT_WEIGHTS_ROOT, WEIGHTS_FORMATS, check_layers
+from common.vgg16 import (
+    DEFAULT_WEIGHTS_ROOT,
+    WEIGHTS_FORMATS,
+    NoWeightsFound,
+    check_layers,
+    find_weights,
+)
+from common.weights_download import FILE_NAME, download_keras_notop
 
 
 class HelpFormatter(
@@ -134,6 +141,30 @@ def add_weights_arguments(parser):
         default="auto",
         help="format of the weights file; auto decides by its content",
     )
+    parser.add_argument(
+        "--download_weights",
+        action="store_true",
+        help=f"first download the official Keras ImageNet weights ({FILE_NAME}, "
+        "59 MB, MD5-checked) into the --weights_root folder, unless already there",
+    )
+
+
+def resolve_weights(args, progress=None, notes=None):
+    """The weights file the options name, downloaded first with --download_weights.
+
+    ``args`` needs ``weights_root`` and ``download_weights`` (from
+    :func:`add_weights_arguments`). ``progress(done_bytes, total_bytes_or_None)``
+    follows a download; ``notes``, a list, receives a line per thing the
+    download did. Raises :class:`common.vgg16.WeightsError` (a ``ValueError``)
+    or :class:`common.download.DownloadError` (an ``OSError``), one line each.
+    """
+    root = Path(args.weights_root)
+    if args.download_weights:
+        download_keras_notop(root, progress=progress, notes=notes)
+    try:
+        return find_weights(root)
+    except NoWeightsFound as error:
+        raise NoWeightsFound(f"{error}; or add --download_weights") from None
 
 
 def add_max_size_argument(parser, default):
