@@ -535,8 +535,8 @@ def copy_h5(source_path, path, *, leave_out=(), replace=None):
     return path
 
 
-def bad_files(written, folder):
-    """(file, format option, words its one-line error must hold) for each kind."""
+def bad_files(written, hed_arrays, folder):
+    """name -> (file, format option, words its one-line error must hold)."""
     import torch
 
     small = {"conv1.weight": torch.zeros(4, 3, 3, 3), "fc.bias": torch.zeros(2)}
@@ -547,118 +547,131 @@ def bad_files(written, folder):
     }
     wrong_kernel = {"block2_conv1/block2_conv1_W": np.zeros((128, 32, 3, 3), "f4")}
     keras3_nan = {"layers/conv2d_3/vars/1": np.full(128, np.nan, "f4")}
-    keras1_convolutions = read_hed_like(written["keras-th"])
-    return [
+    return {
         # Keras Applications, Theano kernels
-        (
+        "th-truncated": (
             truncated(folder / "th_cut.h5", written["keras-th"]),
             "auto",
             "truncated HDF5 file",
         ),
-        (
+        "th-wrong-kernel": (
             copy_h5(written["keras-th"], folder / "th_wrong.h5", replace=wrong_kernel),
             "auto",
             "block2_conv1 kernel has shape (128, 32, 3, 3), expected (128, 64, 3, 3) "
             "(channels-first layout: out, in, height, width)",
         ),
-        (
+        "th-not-hdf5": (
             written["torchvision"],
             "keras-th",
             "not an HDF5 file, so not in the keras-th format",
         ),
         # Keras 1, Caffe conversion
-        (
+        "keras1-gap": (
             copy_h5(
                 written["caffe-keras1"], folder / "gap.h5", leave_out=("layer_20",)
             ),
             "auto",
             "nb_layers says 37 layers, but layer_20 is missing",
         ),
-        (
-            write_keras1(
-                folder / "twelve.h5", keras1_convolutions, drop_convolutions=1
-            ),
+        "keras1-twelve": (
+            write_keras1(folder / "twelve.h5", hed_arrays, drop_convolutions=1),
             "auto",
             "12 convolution layers (layer_N groups with a 4-D param_0); VGG16 has 13",
         ),
-        (
+        "keras1-truncated": (
             truncated(folder / "k1_cut.h5", written["caffe-keras1"]),
             "auto",
             "truncated HDF5 file",
         ),
-        (written["keras3"], "caffe-keras1", "no nb_layers attribute; not a Keras 1"),
+        "keras1-not-keras1": (
+            written["keras3"],
+            "caffe-keras1",
+            "no nb_layers attribute; not a Keras 1",
+        ),
         # Keras 3
-        (
+        "keras3-truncated": (
             truncated(folder / "cut.weights.h5", written["keras3"]),
             "auto",
             "truncated HDF5 file",
         ),
-        (
+        "keras3-nan": (
             copy_h5(written["keras3"], folder / "nan.weights.h5", replace=keras3_nan),
             "auto",
             "block2_conv2 holds NaN or infinite values",
         ),
-        (written["keras-th"], "keras3", "no layers/<name>/vars groups; not a Keras 3"),
+        "keras3-not-keras3": (
+            written["keras-th"],
+            "keras3",
+            "no layers/<name>/vars groups; not a Keras 3",
+        ),
         # torchvision
-        (
+        "torch-truncated": (
             truncated(folder / "cut.pth", written["torchvision"]),
             "auto",
             "damaged PyTorch file",
         ),
-        (
+        "torch-other-network": (
             torch_file(folder / "small.pth", small),
             "auto",
             "a PyTorch file of another network (keys conv1.weight, fc.bias), not VGG16",
         ),
-        (
+        "torch-legacy-other-network": (
             torch_file(folder / "old.pt", small, _use_new_zipfile_serialization=False),
             "auto",
             "another network (keys conv1.weight",
         ),
-        (
+        "torch-vgg19": (
             torch_file(folder / "vgg19.pth", vgg19),
             "torchvision",
             "16 convolutions under features.*; VGG16 has 13",
         ),
-        (
+        "torch-vgg16-bn": (
             torch_file(folder / "bn.pth", vgg16_bn),
             "auto",
             "batch normalisation (vgg16_bn)",
         ),
-        (
+        "torch-tensor": (
             torch_file(folder / "tensor.pth", torch.zeros(3)),
             "auto",
             "a PyTorch file holding a Tensor, not a state dict",
         ),
-        (
+        "torch-not-torch": (
             written["keras3"],
             "torchvision",
             "not a PyTorch file, so not in the torchvision",
         ),
-    ]
-
-
-def read_hed_like(path):
-    """name -> (kernel (3, 3, in, out), bias) from a Theano-kernel file."""
-    arrays = {}
-    with h5py.File(path, "r") as file:
-        for name in vgg16.CONV_LAYERS:
-            kernel = file[f"{name}/{name}_W"][()]
-            arrays[name] = (
-                kernel[:, :, ::-1, ::-1].transpose(2, 3, 1, 0),
-                file[f"{name}/{name}_b"][()],
-            )
-    return arrays
+    }
 
 
 @pytest.fixture(scope="module")
-def bad(written, tmp_path_factory):
-    return bad_files(written, tmp_path_factory.mktemp("bad"))
+def bad(written, hed_arrays, tmp_path_factory):
+    return bad_files(written, hed_arrays, tmp_path_factory.mktemp("bad"))
 
 
-@pytest.mark.parametrize("index", range(17))
-def test_a_wrong_or_damaged_file_gives_one_clear_line(bad, index):
-    path, weights_format, words = bad[index]
+BAD_FILES = (
+    "th-truncated",
+    "th-wrong-kernel",
+    "th-not-hdf5",
+    "keras1-gap",
+    "keras1-twelve",
+    "keras1-truncated",
+    "keras1-not-keras1",
+    "keras3-truncated",
+    "keras3-nan",
+    "keras3-not-keras3",
+    "torch-truncated",
+    "torch-other-network",
+    "torch-legacy-other-network",
+    "torch-vgg19",
+    "torch-vgg16-bn",
+    "torch-tensor",
+    "torch-not-torch",
+)
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_a_wrong_or_damaged_file_gives_one_clear_line(bad, case):
+    path, weights_format, words = bad[case]
     with pytest.raises(vgg16.WeightsError) as info:
         vgg16.load_weights(path, weights_format)
     message = str(info.value)
@@ -668,7 +681,7 @@ def test_a_wrong_or_damaged_file_gives_one_clear_line(bad, index):
 
 
 def test_every_bad_file_is_tried(bad):
-    assert len(bad) == 17
+    assert sorted(bad) == sorted(BAD_FILES)
 
 
 def test_a_pth_that_would_run_code_is_refused_without_running_it(tmp_path):
