@@ -251,6 +251,10 @@ def build_feature_model(weights, output_layers, *, pooling="max"):
     or ``None`` for random weights with Caffe preprocessing (tests).
     ``pooling`` is ``"max"`` as in VGG16 or ``"avg"``, which Gatys et al.
     found gives smoother style transfer. All weights are non-trainable.
+
+    On torch the model is a :class:`common.torch_fast.ChannelsLastFeatures`:
+    the same Keras layers and variables, called without Keras's per-layer
+    memory-layout copies.
     """
     import keras
 
@@ -268,7 +272,7 @@ def build_feature_model(weights, output_layers, *, pooling="max"):
     for name in LAYERS[: last + 1]:
         x = _vgg_layer(keras, name, pooling)(x)
         outputs[name] = x
-    model = keras.Model(
+    model = _feature_model_class(keras)(
         pixels, {name: outputs[name] for name in output_layers}, name="vgg16_features"
     )
 
@@ -278,6 +282,19 @@ def build_feature_model(weights, output_layers, *, pooling="max"):
                 model.get_layer(name).set_weights(list(weights.layers[name]))
     model.trainable = False
     return model
+
+
+def _feature_model_class(keras):
+    """``keras.Model``, or on torch its subclass that calls in channels-last memory.
+
+    The subclass (:mod:`common.torch_fast`) runs the same layers and variables
+    without the layout copies Keras's torch convolutions make at every call.
+    """
+    if keras.backend.backend() != "torch":
+        return keras.Model
+    from common import torch_fast
+
+    return torch_fast.ChannelsLastFeatures
 
 
 def _vgg_layer(keras, name, pooling):
