@@ -259,7 +259,8 @@ def with_colours_of(result, content):
 
 
 def gram_matrix(features):
-    """(1, h, w, c) features -> (c, c) Gram matrix divided by h * w * c.
+    """``features: float32 (1, height, width, channels)`` -> (channels, channels)
+    Gram matrix, divided by height * width * channels.
 
     Dividing by the number of positions makes it an average, so it does not
     grow with the image; dividing by the channels keeps layers comparable.
@@ -282,7 +283,8 @@ def mean_square(tensor):
 def content_target(model, layer, content):
     """The content image's features at ``layer`` and their mean square."""
     features = model(backend.to_device(content[None]))[layer]
-    return features, mean_square(features)
+    # A blank image can give all-zero features; the floor avoids 0 / 0.
+    return features, max(mean_square(features), 1e-12)
 
 
 def style_targets(model, layers, styles, blend_weights):
@@ -570,10 +572,12 @@ def main(argv=None):
     if not device.is_gpu:
         print(f"no GPU: {device.why_no_gpu}")
 
-    # Weights.
-    weights = vgg16.load_weights(
-        vgg16.find_weights(args.weights_root), args.weights_format
-    )
+    # Weights (downloaded first with --download_weights).
+    notes = []
+    weights_path = cli.resolve_weights(args, notes=notes)
+    for note in notes:
+        print(note)
+    weights = vgg16.load_weights(weights_path, args.weights_format)
     print(f"weights: {weights.description}")
 
     # Images: the content at the largest scale, the styles as they are; the
