@@ -28,12 +28,11 @@ import numpy as np
 
 from common import backend, cli
 from common.images import load_image, resize, save_image
-from common.run import Run, check_writable, result_path, script_errors
+from common.run import DownloadBar, Run, check_writable, result_path, script_errors
 from common.vgg16 import (
     CONV_LAYERS,
     KERNEL_SHAPES,
     deepest_layer,
-    find_weights,
     load_weights,
     min_input_size,
 )
@@ -585,7 +584,12 @@ def main(argv=None):
     # Load the weights and build the network up to the deepest dreamed layer.
     from common.vgg16 import build_feature_model
 
-    weights = load_weights(find_weights(args.weights_root), args.weights_format)
+    notes = []
+    with DownloadBar("downloading VGG16 weights") as progress:
+        weights_path = cli.resolve_weights(args, progress=progress, notes=notes)
+    for note in notes:
+        print(note)
+    weights = load_weights(weights_path, args.weights_format)
     print(f"weights: {weights.description}, from {weights.path}")
     model = build_feature_model(weights, tuple(layer_weights))
     guide_values = None

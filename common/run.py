@@ -295,3 +295,40 @@ def script_errors(program):
 def _one_line(error):
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
+
+
+# ---------------------------------------------------------------------------
+# Download progress
+# ---------------------------------------------------------------------------
+
+
+class DownloadBar:
+    """A ``progress(done_bytes, total_bytes_or_None)`` callback for downloads.
+
+    The bar appears with the first call, so nothing is drawn when nothing is
+    downloaded, and starts over when the next mirror does. Use it as a context
+    manager, or call :meth:`close`.
+    """
+
+    def __init__(self, description):
+        self.description = description
+        self.bar = None
+
+    def __call__(self, done, total):
+        if self.bar is None:
+            self.bar = tqdm(
+                total=total, desc=self.description, unit="B", unit_scale=True
+            )
+        if done < self.bar.n:  # the next mirror starts over
+            self.bar.reset(total=total)
+        self.bar.update(done - self.bar.n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()

@@ -214,3 +214,15 @@ def test_skip_shortens_the_run_but_not_the_count(tmp_path):
         "dream.png",
         "dream_at_iteration_3.png",
     ]
+
+
+def test_download_bar_follows_bytes_and_starts_over_for_the_next_mirror(capsys):
+    with run.DownloadBar("weights") as progress:
+        assert progress.bar is None  # nothing drawn before the first byte
+        progress(0, 100)
+        progress(60, 100)
+        assert progress.bar.n == 60
+        progress(0, 80)  # a failed mirror; the next one starts from zero
+        progress(80, 80)
+        assert (progress.bar.n, progress.bar.total) == (80, 80)
+    assert "weights" in capsys.readouterr().err
