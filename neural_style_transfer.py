@@ -112,15 +112,30 @@ def build_parser():
         default=DEFAULT_ITERATIONS,
         help="optimiser iterations per scale: L-BFGS iterations or Adam steps",
     )
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="lbfgs")
+    parser.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="lbfgs",
+        help="L-BFGS (SciPy, one host copy per evaluation) or Adam (all on the device)",
+    )
     parser.add_argument(
         "--learning_rate",
         type=cli.positive_float,
         default=2.0,
         help="Adam's step size, in grey levels (0..255)",
     )
-    parser.add_argument("--content_weight", type=cli.non_negative_float, default=1.0)
-    parser.add_argument("--style_weight", type=cli.non_negative_float, default=1000.0)
+    parser.add_argument(
+        "--content_weight",
+        type=cli.non_negative_float,
+        default=1.0,
+        help="weight of the content loss (relative squared feature error)",
+    )
+    parser.add_argument(
+        "--style_weight",
+        type=cli.non_negative_float,
+        default=1000.0,
+        help="weight of the style loss (relative squared Gram error, layer mean)",
+    )
     parser.add_argument(
         "--tv_weight",
         type=cli.non_negative_float,
@@ -128,12 +143,16 @@ def build_parser():
         help="total variation weight: larger is smoother",
     )
     parser.add_argument(
-        "--content_layer", type=cli.vgg16_layers, default=(DEFAULT_CONTENT_LAYER,)
+        "--content_layer",
+        type=cli.vgg16_layers,
+        default=DEFAULT_CONTENT_LAYER,
+        help="the VGG16 layer whose features the result shares with the content",
     )
     parser.add_argument(
         "--style_layers",
         type=cli.vgg16_layers,
-        default=DEFAULT_STYLE_LAYERS,
+        # A string default goes through type= too, and reads well in --help.
+        default=", ".join(DEFAULT_STYLE_LAYERS),
         help="comma-separated VGG16 layer names",
     )
     parser.add_argument(
@@ -171,7 +190,12 @@ def build_parser():
         help="long sides to work at, coarse to fine, e.g. 256,512 (--iter each; "
         "overrides --max_size)",
     )
-    parser.add_argument("--pooling", choices=vgg16.POOLINGS, default="max")
+    parser.add_argument(
+        "--pooling",
+        choices=vgg16.POOLINGS,
+        default="max",
+        help="VGG16's max pooling, or average pooling (smoother, says Gatys et al.)",
+    )
     parser.add_argument(
         "--save_every",
         type=cli.non_negative_int,
