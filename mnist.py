@@ -99,10 +99,17 @@ def build_model(spec):
 
     inputs = keras.Input((28, 28, 1), name="digits")
     if spec.kind == "cnn":
-        x = layers.Conv2D(32, 5, activation="relu")(inputs)
-        x = layers.MaxPooling2D(2)(x)
-        x = layers.Conv2D(32, 5, activation="relu")(x)
-        x = layers.MaxPooling2D(2)(x)
+        # PyTorch convolves channels-first; Keras on torch copies channels-last
+        # tensors to that layout and back around every layer, which made the
+        # cnn train 1.7 times slower than the same network in plain PyTorch.
+        layout = "channels_first" if keras.backend.backend() == "torch" else None
+        x = inputs
+        if layout:
+            x = layers.Permute((3, 1, 2))(x)  # (batch, 1, 28, 28)
+        x = layers.Conv2D(32, 5, activation="relu", data_format=layout)(x)
+        x = layers.MaxPooling2D(2, data_format=layout)(x)
+        x = layers.Conv2D(32, 5, activation="relu", data_format=layout)(x)
+        x = layers.MaxPooling2D(2, data_format=layout)(x)
         x = layers.Flatten()(x)
         x = layers.Dropout(0.5)(x)
         x = layers.Dense(256, activation="relu")(x)
@@ -114,7 +121,12 @@ def build_model(spec):
             x = layers.Dense(spec.width, activation="relu")(x)
             x = layers.Dropout(spec.drop_hidden)(x)
     outputs = layers.Dense(10, activation="softmax")(x)
-    return keras.Model(inputs, outputs, name=str(spec).replace(":", "_"))
+    model = keras.Model(inputs, outputs, name=str(spec).replace(":", "_"))
+    if keras.backend.backend() == "torch":
+        from common import torch_fast
+
+        torch_fast.call_layers_directly(model)  # the same layers, called leaner
+    return model
 
 
 def compile_model(model, steps, learning_rate=1e-3):
@@ -129,8 +141,13 @@ def compile_model(model, steps, learning_rate=1e-3):
         warmup_steps=warmup,
         alpha=0.01,
     )
+    optimizer = keras.optimizers.Adam(schedule)
+    if keras.backend.backend() == "torch":
+        from common import torch_fast
+
+        torch_fast.fuse_adam(optimizer)  # the same maths in one kernel per step
     model.compile(
-        optimizer=keras.optimizers.Adam(schedule),
+        optimizer=optimizer,
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )

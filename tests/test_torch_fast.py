@@ -132,3 +132,86 @@ def test_refuses_layers_it_cannot_run():
     model = torch_fast.ChannelsLastFeatures(pixels, {"dense": dense(x)})
     with pytest.raises(TypeError, match="cannot run layer 'dense'"):
         model(np.zeros((1, 8, 8, 3), "float32"))
+
+
+# --- Adam in one kernel ---------------------------------------------------------
+
+
+def test_fused_adam_takes_the_same_steps_as_keras_adam():
+    import keras
+    import torch
+
+    from common import torch_fast
+
+    rng = np.random.default_rng(0)
+    shapes = [(30, 20), (20,), (20, 3)]
+    start = [rng.standard_normal(shape).astype("float32") for shape in shapes]
+
+    def adam_and_variables():
+        variables = [keras.Variable(value) for value in start]
+        schedule = keras.optimizers.schedules.CosineDecay(
+            1e-3, 50, warmup_target=1e-2, warmup_steps=3, alpha=0.01
+        )
+        optimizer = keras.optimizers.Adam(schedule)
+        optimizer.build(variables)
+        return optimizer, variables
+
+    keras_adam, expected = adam_and_variables()
+    fused_adam, actual = adam_and_variables()
+    torch_fast.fuse_adam(fused_adam)
+    for step in range(8):
+        # A zero gradient on one step, where epsilon's placement matters most.
+        scale = 0.0 if step == 2 else 1.0
+        grads = [
+            scale * rng.standard_normal(shape).astype("float32") for shape in shapes
+        ]
+        keras_adam.apply([torch.from_numpy(grad) for grad in grads], expected)
+        fused_adam.apply([torch.from_numpy(grad) for grad in grads], actual)
+
+    for want, got, first in zip(expected, actual, start, strict=True):
+        want, got = backend.to_numpy(want.value), backend.to_numpy(got.value)
+        assert np.abs(want - first).max() > 1e-3
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert int(fused_adam.iterations) == 8
+
+
+def test_fused_adam_refuses_amsgrad():
+    import keras
+
+    from common import torch_fast
+
+    with pytest.raises(ValueError, match="does not do AMSGrad"):
+        torch_fast.fuse_adam(keras.optimizers.Adam(amsgrad=True))
+
+
+# --- layers called directly -----------------------------------------------------
+
+
+@pytest.mark.parametrize("model_name", ["cnn", "custom_mlp:1,16,0.2,0.5"])
+def test_direct_layer_calls_give_what_keras_gives(model_name):
+    import keras
+
+    import mnist
+
+    model = mnist.build_model(mnist.parse_model_spec(model_name))
+    assert "call" in vars(model)  # build_model made the calls direct on torch
+    keras_model = keras.Model(model.input, model.output)
+    digits = np.random.default_rng(0).uniform(0, 1, (4, 28, 28, 1)).astype("float32")
+
+    direct = backend.to_numpy(model(digits, training=False))
+    np.testing.assert_allclose(direct, backend.to_numpy(keras_model(digits)), atol=1e-6)
+    assert direct.shape == (4, 10)
+    # Training mode reaches the dropout layers.
+    assert not np.allclose(backend.to_numpy(model(digits, training=True)), direct)
+
+
+def test_direct_layer_calls_need_one_chain():
+    import keras
+
+    from common import torch_fast
+
+    inputs = keras.Input((4,))
+    left, right = keras.layers.Dense(2)(inputs), keras.layers.Dense(2)(inputs)
+    model = keras.Model(inputs, keras.layers.Add()([left, right]))
+    with pytest.raises(ValueError, match="needs one chain of layers"):
+        torch_fast.call_layers_directly(model)
