@@ -598,7 +598,8 @@ def main(argv=None):
 
     # Weights (downloaded first with --download_weights).
     notes = []
-    weights_path = cli.resolve_weights(args, notes=notes)
+    with run.DownloadBar("downloading VGG16 weights") as bar:
+        weights_path = cli.resolve_weights(args, progress=bar, notes=notes)
     for note in notes:
         print(note)
     weights = vgg16.load_weights(weights_path, args.weights_format)
