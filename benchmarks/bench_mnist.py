@@ -5,12 +5,14 @@ same batch size on the same real MNIST samples, in one process, alternating, on
 the same number of threads, after a warm-up run each. Each timed run is one pass
 over ``--samples`` training images. Prints samples per second for both and the
 median ratio per model; the last line ends with ``ratio=R``, the worse of the two
-models (our median time over the plain PyTorch median time).
+models (our median time over the plain PyTorch median time). Both follow the
+same warm-up and cosine learning-rate schedule.
 
 usage: python benchmarks/bench_mnist.py [--samples N] [--repeats K]
 """
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -54,7 +56,21 @@ def plain_torch_model(kind):
     )
 
 
-def plain_torch_epoch(model, optimizer, images, labels, batch_size):
+def warmup_cosine(steps, learning_rate):
+    """The learning-rate factor of mnist.compile_model's schedule, for LambdaLR."""
+    warmup = max(1, min(steps // 20, 500))
+    decay = max(1, steps - warmup)
+
+    def factor(step):
+        if step < warmup:
+            return 0.1 + 0.9 * step / warmup
+        progress = min(step - warmup, decay) / decay
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def plain_torch_epoch(model, optimizer, scheduler, images, labels, batch_size):
     """One shuffled pass, the way a PyTorch user writes it."""
     import torch
     import torch.nn.functional as functional
@@ -67,7 +83,8 @@ def plain_torch_epoch(model, optimizer, images, labels, batch_size):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return float(loss)
+        scheduler.step()
+    return float(loss.detach())
 
 
 def main(argv=None):
@@ -104,12 +121,19 @@ def main(argv=None):
         mnist.compile_model(ours, steps=10**6)
         reference = plain_torch_model(kind)
         optimizer = torch.optim.Adam(reference.parameters(), lr=1e-3)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(10**6, 1e-3)
+        )
 
         def run_ours(ours=ours):
             mnist.train(ours, x, y, None, 1, args.batch_size)
 
-        def run_reference(reference=reference, optimizer=optimizer):
-            plain_torch_epoch(reference, optimizer, x_torch, y_torch, args.batch_size)
+        def run_reference(
+            reference=reference, optimizer=optimizer, scheduler=scheduler
+        ):
+            plain_torch_epoch(
+                reference, optimizer, scheduler, x_torch, y_torch, args.batch_size
+            )
 
         times = {"ours": [], "reference": []}
         run_ours()  # warm-up
