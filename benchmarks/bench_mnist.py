@@ -56,7 +56,7 @@ def plain_torch_model(kind):
     )
 
 
-def warmup_cosine(steps, learning_rate):
+def warmup_cosine(steps):
     """The learning-rate factor of mnist.compile_model's schedule, for LambdaLR."""
     warmup = max(1, min(steps // 20, 500))
     decay = max(1, steps - warmup)
@@ -91,7 +91,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument(
+        "--batch_size", type=int, default=None, help="default: mnist.py's"
+    )
     parser.add_argument("--models", default="mlp,cnn")
     args = parser.parse_args(argv)
 
@@ -102,6 +104,8 @@ def main(argv=None):
     import mnist
     from common.mnist import load_mnist
 
+    batch_size = args.batch_size or mnist.DEFAULT_BATCH_SIZE
+
     data = load_mnist()
     x = mnist.as_inputs(data.x_train[: args.samples])
     y = data.y_train[: args.samples]
@@ -110,7 +114,7 @@ def main(argv=None):
     print(
         f"backend {choice.name}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {args.samples} samples per run, "
-        f"batch {args.batch_size}, median of {args.repeats}"
+        f"batch {batch_size}, median of {args.repeats}"
     )
 
     ratios = {}
@@ -120,19 +124,17 @@ def main(argv=None):
         ours = mnist.build_model(spec)
         mnist.compile_model(ours, steps=10**6)
         reference = plain_torch_model(kind)
-        optimizer = torch.optim.Adam(reference.parameters(), lr=1e-3)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(10**6, 1e-3)
-        )
+        optimizer = torch.optim.Adam(reference.parameters(), lr=mnist.LEARNING_RATE)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(10**6))
 
         def run_ours(ours=ours):
-            mnist.train(ours, x, y, None, 1, args.batch_size)
+            mnist.train(ours, x, y, None, 1, batch_size)
 
         def run_reference(
             reference=reference, optimizer=optimizer, scheduler=scheduler
         ):
             plain_torch_epoch(
-                reference, optimizer, scheduler, x_torch, y_torch, args.batch_size
+                reference, optimizer, scheduler, x_torch, y_torch, batch_size
             )
 
         times = {"ours": [], "reference": []}

@@ -204,7 +204,7 @@ def test_out_of_memory_is_one_line_with_a_hint(small_data_dir, capsys, monkeypat
     code, _, err = run_main(["mlp", "1", "--data_dir", small_data_dir], capsys)
     assert code == 1
     assert len(err.strip().splitlines()) == 1
-    assert "out of memory" in err and "smaller --batch_size than 128" in err
+    assert "out of memory" in err and "smaller --batch_size than 64" in err
 
 
 # --- bad data ------------------------------------------------------------------
