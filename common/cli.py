@@ -25,6 +25,9 @@ from common.vgg16 import (
 )
 from common.weights_download import FILE_NAME, download_keras_notop
 
+# NumPy's legacy seeding, which Keras calls, takes no more than 32 bits.
+MAX_SEED = 2**32 - 1
+
 
 class HelpFormatter(
     argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter
@@ -79,6 +82,14 @@ def positive_int(text):
     return value
 
 
+def seed(text):
+    """An int in 0..2**32 - 1, the range every backend's seeding accepts."""
+    value = _number(text, int, "a whole number")
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected 0 to {MAX_SEED}, got {value}")
+    return value
+
+
 def positive_float(text):
     """A finite float > 0."""
     value = _number(text, float, "a number")
@@ -122,7 +133,7 @@ def add_backend_argument(parser):
 def add_seed_argument(parser):
     parser.add_argument(
         "--seed",
-        type=non_negative_int,
+        type=seed,
         default=0,
         help="random seed, for runs that can be repeated",
     )

@@ -71,6 +71,10 @@ def test_help_shows_each_default_once_and_the_weights_folder_briefly(capsys):
     assert formats in help_text and "{torch,jax}" in help_text
 
 
+def test_the_largest_seed_is_accepted():
+    assert parser().parse_args(["--seed", str(2**32 - 1)]).seed == 2**32 - 1
+
+
 def test_weights_format_choices_come_from_the_registry():
     action = next(
         action for action in parser()._actions if action.dest == "weights_format"
@@ -87,6 +91,10 @@ def test_weights_format_choices_come_from_the_registry():
             "argument --max_size: expected a whole number, got 'big'",
         ),
         (["--seed", "1.5"], "argument --seed: expected a whole number, got '1.5'"),
+        (
+            ["--seed", str(2**32)],
+            f"argument --seed: expected 0 to {2**32 - 1}, got {2**32}",
+        ),
         (
             ["--backend", "tensorflow"],
             "argument --backend: invalid choice: 'tensorflow'",
