@@ -32,7 +32,16 @@ MAX_SEED = 2**32 - 1
 class HelpFormatter(
     argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter
 ):
-    """Shows each option's default and keeps the module docstring's line breaks."""
+    """Shows each option's default and keeps the module docstring's line breaks.
+
+    A default of None, False or an empty list (an option that is off unless
+    given) is left out: the help text says what happens then.
+    """
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
 
 
 class ScriptRelativePath(os.PathLike):

@@ -71,6 +71,15 @@ def test_help_shows_each_default_once_and_the_weights_folder_briefly(capsys):
     assert formats in help_text and "{torch,jax}" in help_text
 
 
+def test_help_leaves_out_defaults_that_say_nothing(capsys):
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in help_text
+    assert "(default: False)" not in help_text
+    assert "(default: 0)" in help_text  # the seed: a real value is still shown
+
+
 def test_the_largest_seed_is_accepted():
     assert parser().parse_args(["--seed", str(2**32 - 1)]).seed == 2**32 - 1
 
