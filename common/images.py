@@ -230,10 +230,26 @@ def save_image(pixels, path, *, metadata=None):
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ImageError(
-            path, f"cannot create its folder ({_reason(error)})"
+            path,
+            f"cannot create its folder ({folder_error_reason(path.parent, error)})",
         ) from error
     _write_atomically(image, path, pillow_format, options)
     return path
+
+
+def folder_error_reason(folder, error):
+    """Why ``folder`` could not be created or written in, in a few words.
+
+    A file where a folder should be makes the OS say "File exists" or "Not a
+    directory"; this names that file instead. Otherwise the OS's words.
+    """
+    folder = Path(folder)
+    for place in (folder, *folder.parents):
+        if place.exists():
+            if not place.is_dir():
+                return f"{place} is a file, not a folder"
+            break
+    return _reason(error)
 
 
 def montage(images, captions=None, *, height=256, gap=8, background=255, font_size=14):

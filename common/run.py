@@ -31,7 +31,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from common.backend import NonFiniteError
-from common.images import SAVE_FORMATS, save_image
+from common.images import SAVE_FORMATS, folder_error_reason, save_image
 
 IMAGE_EXTENSIONS = tuple(SAVE_FORMATS)  # .png, .jpg, .jpeg, .webp, .tif, .tiff
 
@@ -92,7 +92,7 @@ def check_writable(path):
             pass
         os.remove(probe)
     except OSError as error:
-        reason = error.strerror or type(error).__name__
+        reason = folder_error_reason(folder, error)
         raise OSError(f"{path}: cannot write in {folder} ({reason})") from error
     return path
 

@@ -433,6 +433,7 @@ def test_parent_that_is_a_file_gives_one_line(folder):
         save_image(random_pixels(), path)
     message = str(refused.value)
     assert message.startswith(f"{path}: cannot create its folder (")
+    assert f"({blocker} is a file, not a folder)" in message
     assert "\n" not in message
     assert leftovers(folder) == []
 

@@ -153,6 +153,18 @@ def test_check_writable(tmp_path):
         run.check_writable(tmp_path)
 
 
+@pytest.mark.parametrize("below", ["", "deeper/"])
+def test_check_writable_names_a_file_in_the_way(tmp_path, below):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file, not a folder")
+    with pytest.raises(OSError) as info:
+        run.check_writable(tmp_path / f"notes.txt/{below}dream.png")
+    message = str(info.value)
+    assert f"{blocker} is a file, not a folder" in message
+    assert "File exists" not in message and "\n" not in message
+    assert blocker.read_text() == "a file, not a folder"
+
+
 @pytest.mark.skipif(
     sys.platform == "win32" or os.geteuid() == 0,
     reason="needs POSIX permissions that bind the user",
