@@ -277,6 +277,16 @@ def plan_octaves(size, octaves, scale, layer):
     return octave_shapes(size, fitting, scale), note
 
 
+def check_tile_size(tile_size, layer):
+    """Refuse tiles too small for ``layer`` (0, the whole image, is always fine)."""
+    minimum = min_input_size(layer)
+    if 0 < tile_size < minimum:
+        raise ValueError(
+            f"--tile_size {tile_size} is under the {minimum} pixels {layer} needs "
+            f"on each side; use --tile_size {minimum} or more, or 0"
+        )
+
+
 def check_guide_size(size, layer):
     minimum = min_input_size(layer)
     if min(size) < minimum:
@@ -572,6 +582,7 @@ def main(argv=None):
         for note in guide.notes:
             print(note)
         check_guide_size(guide.size, deepest_layer(layer_weights))
+    check_tile_size(args.tile_size, deepest_layer(layer_weights))
     shapes, note = plan_octaves(
         loaded.size, args.octaves, args.octave_scale, deepest_layer(layer_weights)
     )

@@ -263,6 +263,22 @@ def test_image_too_small_for_the_layer(tmp_path, weights_path, capsys):
     assert "6x40 pixels; block4_conv1 needs at least 8" in capsys.readouterr().err
 
 
+def test_a_tile_smaller_than_the_deepest_layer_needs_is_refused_before_any_work(
+    tmp_path, weights_path, capsys, monkeypatch
+):
+    def no_weights(*args):
+        raise AssertionError("weights loaded before the tile size was checked")
+
+    monkeypatch.setattr(deep_dream, "load_weights", no_weights)
+    code = dream(tmp_path, weights_path, "--tile_size", "3", "--layers", "block3_conv1")
+    assert code == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert "--tile_size 3 is under the 4 pixels block3_conv1 needs" in err
+    assert "use --tile_size 4 or more, or 0" in err
+    assert not (tmp_path / "dream.png").exists()
+
+
 def test_unwritable_output_is_refused_before_any_work(tmp_path, weights_path, capsys):
     blocker = tmp_path / "a file"
     blocker.write_text("not a folder")
