@@ -560,6 +560,8 @@ def main(argv=None):
     backend.seed_everything(args.seed)
     device = backend.device_report()
     print(f"backend: {choice.name} (from {choice.source}), {device.summary()}")
+    for note in choice.notes:
+        print(note)
     if device.why_no_gpu:
         print(f"no GPU: {device.why_no_gpu}")
 

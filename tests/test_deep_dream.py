@@ -1,5 +1,7 @@
 """deep_dream.py: every option path on tiny images, each error, and a real dream."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -70,6 +72,15 @@ def test_writes_prefix_png_of_the_same_size(tmp_path, weights_path, capsys):
     assert "vgg16_hed_bsds500_notop.h5" in out and "no top" in out
     assert "octaves (height x width): 17x23, 24x32" in out
     assert "saved" in out
+
+
+def test_backend_notes_are_printed(tmp_path, weights_path, capsys, monkeypatch):
+    # What select_backend noticed, e.g. a keras.json naming TensorFlow.
+    chosen = backend.select_backend()
+    noted = dataclasses.replace(chosen, notes=("keras.json names backend 'x'",))
+    monkeypatch.setattr(backend, "select_backend", lambda requested=None: noted)
+    assert dream(tmp_path, weights_path, "--iter", "1") == 0
+    assert "keras.json names backend 'x'" in capsys.readouterr().out
 
 
 def test_a_prefix_with_an_image_extension_is_used_as_is(tmp_path, weights_path):
