@@ -19,6 +19,7 @@ writes result_prefix.png (a prefix ending in .png, .jpg, ... is used as is).
 
 import argparse
 import json
+import math
 import os
 import secrets
 import sys
@@ -203,9 +204,13 @@ def build_parser():
 
 
 def positive_scale(text):
-    """A float above 1."""
-    value = cli.positive_float(text)
-    if value <= 1:
+    """A finite float above 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    # Written so that NaN fails too.
+    if not 1 < value < math.inf:
         raise argparse.ArgumentTypeError(f"expected a number above 1, got {text}")
     return value
 

@@ -253,6 +253,13 @@ def test_unknown_layer_lists_the_valid_ones(capsys, layers):
         assert "block5_conv3" in err
 
 
+@pytest.mark.parametrize("option", ["--octave_scale", "--zoom"])
+@pytest.mark.parametrize("value", ["nan", "inf", "1", "0.5"])
+def test_scales_must_be_finite_and_above_one(capsys, option, value):
+    err = usage_error(capsys, ["in.png", "out", option, value])
+    assert f"argument {option}: expected a number above 1, got {value}" in err
+
+
 def test_unknown_channel_names_the_valid_range(capsys):
     err = usage_error(capsys, ["in.png", "out", "--channels", "block1_conv1:3,64"])
     assert "block1_conv1 has 64 channels, 0..63; got 64" in err
