@@ -102,7 +102,9 @@ def build_parser():
     parser.add_argument("content", help="the image to repaint")
     parser.add_argument("style", nargs="+", help="one or more style images")
     parser.add_argument(
-        "result_prefix", help="the result is written to <result_prefix>.png"
+        "result_prefix",
+        help="where to write: <result_prefix>.png, or the name itself if it ends "
+        "in an image extension (.png, .jpg, .webp, .tif)",
     )
     parser.add_argument(
         "--iter",

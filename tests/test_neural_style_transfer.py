@@ -94,6 +94,9 @@ def test_help_is_the_docstring_with_defaults(capsys):
     assert "Gatys, Ecker and Bethge" in text and "arXiv:1508.06576" in text
     assert f"(default: {nst.DEFAULT_ITERATIONS})" in text
     assert "--original_colors" in text and "--style_blend_weights" in text
+    # A name that ends in an image extension is used as is, as the help says.
+    text = " ".join(text.split())
+    assert "or the name itself if it ends in an image extension" in text
 
 
 @pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
