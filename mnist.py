@@ -269,14 +269,17 @@ def build_parser():
         help="training epochs",
     )
     parser.add_argument(
-        "--batch_size", type=cli.positive_int, default=DEFAULT_BATCH_SIZE
+        "--batch_size",
+        type=cli.positive_int,
+        default=DEFAULT_BATCH_SIZE,
+        help="images per training step; smaller needs less memory",
     )
     parser.add_argument(
         "--data_dir",
         type=Path,
         default=None,
         help="folder with the four MNIST files (or an mnist.npz); missing files "
-        "are downloaded into it (default: the data bundled in data/mnist)",
+        "are downloaded into it. When not given: the data bundled in data/mnist",
     )
     cli.add_backend_argument(parser)
     parser.add_argument(
@@ -285,7 +288,7 @@ def build_parser():
         default="auto",
         help="auto takes the GPU when there is one; cpu lets you time the CPU",
     )
-    parser.add_argument("--seed", type=cli.non_negative_int, default=0)
+    cli.add_seed_argument(parser)
     parser.add_argument(
         "--save",
         type=Path,

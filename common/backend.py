@@ -71,9 +71,12 @@ def _check_name(name, where):
     if name == "pytorch":
         name = "torch"
     if name not in BACKENDS:
+        not_tensorflow = (
+            " (TensorFlow is not supported)" if name == "tensorflow" else ""
+        )
         raise ValueError(
             f"{where} asks for backend {name!r}; this project supports "
-            f"{' and '.join(BACKENDS)} (TensorFlow is not supported)"
+            f"{' and '.join(BACKENDS)}{not_tensorflow}"
         )
     return name
 

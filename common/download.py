@@ -108,9 +108,9 @@ def download(
             notes.append(f"downloaded {destination.name} from {url}")
         return destination
 
+    which = f"all {len(urls)} mirrors" if len(urls) > 1 else "the mirror"
     raise DownloadError(
-        f"could not download {destination.name}: all {len(urls)} "
-        f"mirror{'s' if len(urls) > 1 else ''} failed: " + "; ".join(reasons)
+        f"could not download {destination.name}: {which} failed: " + "; ".join(reasons)
     )
 
 

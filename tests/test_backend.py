@@ -91,3 +91,11 @@ def test_seeding_repeats_random_numbers():
     backend.seed_everything(3)
     second = keras.ops.convert_to_numpy(keras.random.normal((4,)))
     assert (first == second).all()
+
+
+def test_an_unknown_backend_is_named_without_blaming_tensorflow(tmp_path):
+    with pytest.raises(ValueError) as raised:
+        backend.choose_backend(None, {"KERAS_BACKEND": "bogus"}, tmp_path / "none")
+    message = str(raised.value)
+    assert "KERAS_BACKEND asks for backend 'bogus'" in message
+    assert "TensorFlow" not in message

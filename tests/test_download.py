@@ -237,3 +237,9 @@ def test_progress_counts_up_to_the_size(server, mnist_dir, tmp_path):
 def test_no_urls_is_refused(tmp_path):
     with pytest.raises(ValueError, match="at least one URL"):
         download([], tmp_path / NAME)
+
+
+def test_a_single_failing_mirror_is_named_as_the_mirror(closed_port_url, tmp_path):
+    with pytest.raises(DownloadError) as raised:
+        download([closed_port_url], tmp_path / NAME, timeout=2)
+    assert str(raised.value).startswith(f"could not download {NAME}: the mirror failed")

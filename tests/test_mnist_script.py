@@ -246,6 +246,7 @@ def test_corrupt_user_file_is_named_and_left_alone(small_data_dir, tmp_path, cap
         (["--min_accuracy", "150"], "--min_accuracy must be within 0..100"),
         (["--device", "tpu"], "invalid choice: 'tpu'"),
         (["--backend", "tensorflow"], "invalid choice: 'tensorflow'"),
+        (["--seed", str(2**32)], "argument --seed"),
     ],
 )
 def test_bad_options_are_usage_errors(args, words, capsys):
