@@ -29,7 +29,7 @@ from pathlib import Path
 from common import backend, cli
 
 # cnn exercises the convolution kernels the image scripts rely on; 3 epochs take
-# about two minutes on a 2-core CPU and reach about 99%.
+# under a minute on a 2-core CPU and reach about 99%.
 DEFAULT_MODEL = "cnn"
 DEFAULT_EPOCHS = 3
 VALIDATION_SIZE = 10_000
