@@ -304,18 +304,7 @@ def load_mnist(data_dir=None, *, mirrors=MIRRORS, progress=None, timeout=30.0):
 
     where = {name: path or location / f"{name}.gz" for name, path in found.items()}
     _check_pairs(arrays, where)
-    canonical = all(digests[name] == FILES[name] for name in FILES)
-    if not canonical:
-        notes.append(_not_canonical_note(location, digests))
-    return MnistData(
-        x_train=arrays[TRAIN_IMAGES],
-        y_train=arrays[TRAIN_LABELS],
-        x_test=arrays[TEST_IMAGES],
-        y_test=arrays[TEST_LABELS],
-        canonical=canonical,
-        source=str(location),
-        notes=notes,
-    )
+    return _mnist_data(arrays, digests, location, notes)
 
 
 def _read_present(found, managed, notes):
@@ -421,6 +410,22 @@ def _check_pairs(arrays, where):
         )
 
 
+def _mnist_data(arrays, digests, source, notes):
+    """The checked arrays as MnistData, with a note if they are not canonical."""
+    canonical = all(digests[name] == FILES[name] for name in FILES)
+    if not canonical:
+        notes.append(_not_canonical_note(source, digests))
+    return MnistData(
+        x_train=arrays[TRAIN_IMAGES],
+        y_train=arrays[TRAIN_LABELS],
+        x_test=arrays[TEST_IMAGES],
+        y_test=arrays[TEST_LABELS],
+        canonical=canonical,
+        source=str(source),
+        notes=notes,
+    )
+
+
 def _not_canonical_note(location, digests):
     differ = [name for name in FILES if digests[name] != FILES[name]]
     return (
@@ -435,17 +440,7 @@ def _load_npz(path):
     arrays = {NPZ_KEYS[key]: value for key, value in read_npz(path).items()}
     _check_pairs(arrays, {name: f"{path} [{key}]" for key, name in NPZ_KEYS.items()})
     digests = {name: _idx_sha256(array) for name, array in arrays.items()}
-    canonical = all(digests[name] == FILES[name] for name in FILES)
-    notes = [] if canonical else [_not_canonical_note(path, digests)]
-    return MnistData(
-        x_train=arrays[TRAIN_IMAGES],
-        y_train=arrays[TRAIN_LABELS],
-        x_test=arrays[TEST_IMAGES],
-        y_test=arrays[TEST_LABELS],
-        canonical=canonical,
-        source=str(path),
-        notes=notes,
-    )
+    return _mnist_data(arrays, digests, path, [])
 
 
 def _one_line(value):
