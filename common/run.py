@@ -60,12 +60,29 @@ class RunStopped(RuntimeError):
 
 def result_path(prefix):
     """The finished result's path: ``<prefix>.png``, or ``prefix`` itself if it
-    already ends in an image extension (``.png``, ``.jpg``, ...; any case)."""
+    already ends in an image extension (``.png``, ``.jpg``, ...; any case).
+
+    A prefix ending in another image format's extension (``.gif``, ``.bmp``,
+    ...) is a ``ValueError``: ``dream.gif`` must not quietly become
+    ``dream.gif.png``.
+    """
     prefix = Path(prefix)
-    if prefix.suffix.lower() in IMAGE_EXTENSIONS:
+    suffix = prefix.suffix.lower()
+    if suffix in IMAGE_EXTENSIONS:
         return prefix
+    if suffix in _other_image_extensions():
+        raise ValueError(
+            f"{prefix}: cannot write {suffix} images; end the name in "
+            f"{', '.join(IMAGE_EXTENSIONS)}, or leave the extension off for .png"
+        )
     # Not with_suffix: "ninja.dream" means "ninja.dream.png", not "ninja.png".
     return prefix.with_name(prefix.name + ".png")
+
+
+def _other_image_extensions():
+    from PIL import Image
+
+    return set(Image.registered_extensions()) - set(IMAGE_EXTENSIONS)
 
 
 def iteration_path(prefix, iteration):

@@ -305,6 +305,14 @@ def test_unwritable_output_is_refused_before_any_work(tmp_path, weights_path, ca
     assert "cannot write in" in capsys.readouterr().err
 
 
+def test_an_image_format_it_cannot_write_is_refused(tmp_path, weights_path, capsys):
+    code = dream(tmp_path, weights_path, prefix="dream.gif")
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write .gif images" in err[0]
+    assert not list(tmp_path.glob("dream.gif*"))
+
+
 def test_non_finite_loss_keeps_the_last_good_image(
     tmp_path, weights_path, capsys, monkeypatch
 ):

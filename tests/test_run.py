@@ -25,11 +25,17 @@ def grey(level, size=(6, 8)):
         ("dream.JPG", "dream.JPG"),
         ("dream.tiff", "dream.tiff"),
         ("dream.webp", "dream.webp"),
-        ("dream.gif", "dream.gif.png"),
+        ("dream.v2", "dream.v2.png"),
     ],
 )
 def test_result_path(prefix, expected):
     assert run.result_path(prefix) == run.Path(expected)
+
+
+@pytest.mark.parametrize("prefix", ["dream.gif", "out/dream.BMP"])
+def test_result_path_refuses_image_formats_it_cannot_write(prefix):
+    with pytest.raises(ValueError, match=r"cannot write \.(gif|bmp) images; end the"):
+        run.result_path(prefix)
 
 
 def test_iteration_path_keeps_the_extension():
