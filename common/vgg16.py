@@ -1017,15 +1017,19 @@ def find_weights(weights_root=DEFAULT_WEIGHTS_ROOT):
     for name in PREFERRED_FILES:
         if (root / name).is_file():
             return root / name
+    skipped = []
     for candidate in sorted(root.iterdir()):
         if candidate.is_file() and candidate.name.lower().endswith(CANDIDATE_SUFFIXES):
             try:
                 detect_format(candidate)
-            except (WeightsError, OSError):
+            except (WeightsError, OSError) as error:
+                skipped.append(_first_line(error))
                 continue
             return candidate
+    # Say why each candidate was passed over: a damaged download is the usual one.
+    why = f" (skipped {'; '.join(skipped)})" if skipped else ""
     raise NoWeightsFound(
-        f"no VGG16 weights in {root}: looked for {', '.join(PREFERRED_FILES)}, "
+        f"no VGG16 weights in {root}{why}: looked for {', '.join(PREFERRED_FILES)}, "
         f"then any {'/'.join(CANDIDATE_SUFFIXES)} file holding VGG16; download "
         f"{KERAS_NOTOP_URL} ({KERAS_NOTOP_SIZE:,} bytes) or {KERAS_FULL_URL} "
         f"({KERAS_FULL_SIZE:,} bytes) into that folder, or give the path of a "

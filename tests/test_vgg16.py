@@ -369,3 +369,15 @@ def test_find_weights_in_a_missing_folder(tmp_path):
 def test_default_weights_root_is_beside_the_code():
     assert vgg16.DEFAULT_WEIGHTS_ROOT.name == "weights"
     assert (vgg16.DEFAULT_WEIGHTS_ROOT.parent / "common" / "vgg16.py").is_file()
+
+
+def test_find_weights_says_why_each_candidate_was_skipped(tmp_path, shared_dir):
+    real = shared_dir / "weights" / "vgg16_hed_bsds500_notop.h5"
+    (tmp_path / "old_download.h5").write_bytes(real.read_bytes()[:1000])
+    (tmp_path / "notes.pth").write_text("not weights")
+    with pytest.raises(vgg16.NoWeightsFound) as raised:
+        vgg16.find_weights(tmp_path)
+    message = str(raised.value)
+    assert len(message.splitlines()) == 1
+    assert f"(skipped {tmp_path / 'notes.pth'}: not an HDF5 file" in message
+    assert f"{tmp_path / 'old_download.h5'}: truncated HDF5 file" in message
