@@ -180,7 +180,7 @@ class History:
     interrupted: bool = False
 
 
-def make_epoch_callback(history, report, total_epochs):
+def make_epoch_callback(history, report, total_epochs, batch_size, epoch_samples):
     """A Keras callback that times epochs and reports them through ``report``."""
     import keras
 
@@ -198,7 +198,7 @@ def make_epoch_callback(history, report, total_epochs):
             record = EpochRecord(
                 seconds=time.perf_counter() - self.start,
                 train_seconds=self.last_batch_end - self.start,
-                samples=self.batches * self.params_batch_size,
+                samples=min(self.batches * batch_size, epoch_samples),
                 loss=float(logs.get("loss", math.nan)),
                 val_loss=float(logs.get("val_loss", math.nan)),
                 val_accuracy=float(logs.get("val_accuracy", math.nan)),
@@ -212,8 +212,9 @@ def make_epoch_callback(history, report, total_epochs):
 def train(model, x_train, y_train, validation, epochs, batch_size, report=None):
     """Fit ``model``; Ctrl+C stops after the current batch. Returns a History."""
     history = History()
-    callback = make_epoch_callback(history, report or (lambda *a: None), epochs)
-    callback.params_batch_size = batch_size
+    callback = make_epoch_callback(
+        history, report or (lambda *a: None), epochs, batch_size, len(x_train)
+    )
 
     def stop_after_this_batch(signum, frame):
         history.interrupted = True
