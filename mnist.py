@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import backend, cli
+from common.run import DownloadBar
 
 # cnn exercises the convolution kernels the image scripts rely on; 3 epochs take
 # under a minute on a 2-core CPU and reach about 99%.
@@ -381,7 +382,7 @@ def run(args):
     )
 
     # Load the data, downloading what is missing.
-    progress = _download_progress()
+    progress = FileDownloadBars()
     try:
         data = mnist_data.load_mnist(
             args.data_dir, mirrors=mnist_data.MIRRORS, progress=progress
@@ -476,28 +477,20 @@ def print_epoch(epoch, epochs, record):
     print(f"  samples per second:\t\t{speed:,.0f}", flush=True)
 
 
-def _download_progress():
-    """A progress callback for MNIST downloads: one tqdm bar per file."""
-    from tqdm import tqdm
+class FileDownloadBars:
+    """``progress(name, done, total)`` for MNIST downloads: one bar per file."""
 
-    bars = {}
+    def __init__(self):
+        self.bars = {}
 
-    def progress(name, done, total):
-        bar = bars.get(name)
-        if bar is None:
-            bar = bars[name] = tqdm(
-                total=total,
-                desc=f"Downloading {name}",
-                unit="B",
-                unit_scale=True,
-                leave=True,
-            )
-        if done < bar.n:  # the next mirror starts over
-            bar.reset(total=total)
-        bar.update(done - bar.n)
+    def __call__(self, name, done, total):
+        if name not in self.bars:
+            self.bars[name] = DownloadBar(f"Downloading {name}")
+        self.bars[name](done, total)
 
-    progress.close = lambda: [bar.close() for bar in bars.values()]
-    return progress
+    def close(self):
+        for bar in self.bars.values():
+            bar.close()
 
 
 def save_model(model, path):

@@ -224,6 +224,28 @@ def test_empty_data_dir_with_no_reachable_mirror(tmp_path, capsys, monkeypatch):
     assert not [p for p in empty.iterdir() if p.name.startswith(".")]
 
 
+def test_a_missing_file_is_downloaded_with_a_progress_bar(
+    small_data_dir, tmp_path, shared_dir, capsys, monkeypatch
+):
+    from mirror_server import MirrorServer, without_proxies
+
+    folder = tmp_path / "three of four"
+    folder.mkdir()
+    for path in small_data_dir.iterdir():
+        if not path.name.startswith("t10k-labels"):
+            (folder / path.name).write_bytes(path.read_bytes())
+    without_proxies(monkeypatch)
+    with MirrorServer() as server:
+        server.serve_folder("/mnist/", shared_dir / "data" / "mnist")
+        monkeypatch.setattr(mnist_data, "MIRRORS", (server.url("/mnist/"),))
+        # The real test labels (10,000) do not pair with 600 small test images.
+        code, out, err = run_main(["mlp", "1", "--data_dir", folder], capsys)
+    assert "Downloading t10k-labels-idx1-ubyte.gz" in err
+    assert (folder / "t10k-labels-idx1-ubyte.gz").is_file()
+    assert code == 1
+    assert "10000" in err.strip().splitlines()[-1]
+
+
 def test_corrupt_user_file_is_named_and_left_alone(small_data_dir, tmp_path, capsys):
     folder = tmp_path / "corrupt"
     folder.mkdir()
