@@ -215,3 +215,154 @@ def test_direct_layer_calls_need_one_chain():
     model = keras.Model(inputs, keras.layers.Add()([left, right]))
     with pytest.raises(ValueError, match="needs one chain of layers"):
         torch_fast.call_layers_directly(model)
+
+
+# --- the training step ----------------------------------------------------------
+
+
+def mnist_model(name):
+    import mnist
+
+    return lambda: mnist.build_model(mnist.parse_model_spec(name))
+
+
+def twin_models(build, **compile_options):
+    """Two compiled copies of ``build()`` with the same weights: Keras's training
+    step on the first, the lean one on the second."""
+    import keras
+
+    from common import torch_fast
+
+    models = []
+    for _ in range(2):
+        backend.seed_everything(3)
+        model = build()
+        model.compile(
+            optimizer=keras.optimizers.Adam(1e-2),
+            loss="sparse_categorical_crossentropy",
+            **compile_options,
+        )
+        models.append(model)
+    torch_fast.lean_train_step(models[1])
+    assert "train_step" not in vars(models[0]) and "train_step" in vars(models[1])
+    return models
+
+
+def train_both(models, steps, sample_weight=None):
+    """Run ``steps`` training steps on each model from the same random state."""
+    rng = np.random.default_rng(0)
+    batches = [
+        (
+            rng.uniform(0, 1, (8, 28, 28, 1)).astype("float32"),
+            rng.integers(0, 10, 8),
+        )
+        for _ in range(steps)
+    ]
+    logs = []
+    for model in models:
+        backend.seed_everything(7)  # the same dropout masks for both
+        for images, labels in batches:
+            data = (backend.to_device(images), backend.to_device(labels))
+            if sample_weight is not None:
+                data += (backend.to_device(sample_weight),)
+            result = model.train_step(data)
+        logs.append({name: float(value) for name, value in result.items()})
+    return logs
+
+
+def assert_same_weights(models):
+    keras_model, lean_model = models
+    for want, got in zip(keras_model.weights, lean_model.weights, strict=True):
+        np.testing.assert_allclose(
+            backend.to_numpy(got.value), backend.to_numpy(want.value), atol=1e-6
+        )
+
+
+def test_lean_train_step_takes_the_same_steps_as_keras():
+    models = twin_models(mnist_model("custom_mlp:2,32,0.2,0.5"), metrics=["accuracy"])
+    first = [backend.to_numpy(w.value).copy() for w in models[0].weights]
+    keras_logs, lean_logs = train_both(models, steps=4)
+
+    assert keras_logs.keys() == lean_logs.keys() == {"loss", "accuracy"}
+    for name in keras_logs:
+        assert lean_logs[name] == pytest.approx(keras_logs[name], abs=1e-6)
+    assert_same_weights(models)
+    moved = [
+        np.abs(backend.to_numpy(w.value) - start).max()
+        for w, start in zip(models[1].weights, first, strict=True)
+    ]
+    assert min(moved) > 1e-4  # every weight was trained
+    assert int(models[1].optimizer.iterations) == 4
+
+
+def test_lean_train_step_with_sample_weights_and_regularizers():
+    import keras
+
+    from common import torch_fast
+
+    def regularized():
+        digits = keras.Input((28, 28, 1))
+        x = keras.layers.Flatten()(digits)
+        x = keras.layers.Dense(16, "relu", kernel_regularizer="l2")(x)
+        x = keras.layers.Dense(10, "softmax", activity_regularizer="l2")(x)
+        return keras.Model(digits, x)
+
+    models = twin_models(regularized)
+    assert torch_fast._batch_mean_loss(models[1]) is None  # Keras's compute_loss
+    weights = np.linspace(0.5, 2.0, 8).astype("float32")
+    keras_logs, lean_logs = train_both(models, steps=3, sample_weight=weights)
+    assert lean_logs["loss"] == pytest.approx(keras_logs["loss"], abs=1e-6)
+    assert_same_weights(models)
+
+
+def test_lean_train_step_trains_through_fit():
+    models = twin_models(mnist_model("cnn"))
+    rng = np.random.default_rng(1)
+    images = rng.uniform(0, 1, (40, 28, 28, 1)).astype("float32")
+    labels = rng.integers(0, 10, 40)
+    losses = []
+    for model in models:
+        backend.seed_everything(11)
+        history = model.fit(images, labels, batch_size=16, epochs=2, verbose=0)
+        losses.append(history.history["loss"])
+    np.testing.assert_allclose(losses[1], losses[0], atol=1e-5)
+    assert_same_weights(models)
+
+
+# --- the learning-rate schedule -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"warmup_target": 1e-2, "warmup_steps": 7, "alpha": 0.01},
+        {"alpha": 0.1},  # no warm-up: decays from the initial rate
+        {"warmup_target": 1e-2, "warmup_steps": 0},
+    ],
+)
+def test_cosine_decay_in_torch_gives_the_schedules_rates(options):
+    import keras
+
+    from common import torch_fast
+
+    schedule = keras.optimizers.schedules.CosineDecay(1e-3, 20, **options)
+    optimizer = keras.optimizers.Adam(schedule)
+    optimizer.build([keras.Variable(np.zeros(3, "float32"))])
+    torch_fast.cosine_decay_in_torch(optimizer)
+    rates = []
+    for step in range(35):  # warm-up, decay and past the end
+        optimizer.iterations.assign(step)
+        rate = float(optimizer.learning_rate)
+        assert rate == pytest.approx(float(schedule(step)), rel=1e-6, abs=1e-12)
+        rates.append(rate)
+    assert len(set(rates)) > 20  # the rate really changes along the way
+    assert optimizer.get_config()["learning_rate"]["class_name"] == "CosineDecay"
+
+
+def test_cosine_decay_in_torch_needs_cosine_decay():
+    import keras
+
+    from common import torch_fast
+
+    with pytest.raises(TypeError, match="needs a CosineDecay schedule"):
+        torch_fast.cosine_decay_in_torch(keras.optimizers.Adam(1e-3))
