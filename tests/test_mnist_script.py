@@ -98,6 +98,28 @@ def test_models_have_the_lasagne_architectures():
     assert custom.count_params() == 784 * 50 + 50 + 50 * 10 + 10
 
 
+def test_evaluate_matches_keras_evaluate(real_mnist):
+    """Loss and accuracy from predictions equal Keras's compiled metrics."""
+    import keras
+
+    model = mnist.build_model(mnist.parse_model_spec("custom_mlp:1,32,0.0,0.0"))
+    mnist.compile_model(model, steps=20)
+    x, y = mnist.as_inputs(real_mnist.x_train[:600]), real_mnist.y_train[:600]
+    mnist.train(model, x, y, None, 1, 64)  # somewhere between chance and perfect
+    images, labels = mnist.as_inputs(real_mnist.x_test[:700]), real_mnist.y_test[:700]
+
+    loss, accuracy, predictions = mnist.evaluate(model, images, labels, 256)
+
+    reference = keras.Model(model.input, model.output)
+    reference.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    want_loss, want_accuracy = reference.evaluate(images, labels, verbose=0)
+    assert loss == pytest.approx(want_loss, rel=1e-5)
+    assert accuracy == pytest.approx(want_accuracy, abs=1e-6)
+    assert 0.3 < accuracy < 1.0
+    assert predictions.shape == (700,) and set(predictions) <= set(range(10))
+    assert np.mean(predictions == labels) == pytest.approx(accuracy)
+
+
 # --- runs on a small real subset -------------------------------------------------
 
 
