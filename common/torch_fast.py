@@ -156,7 +156,7 @@ def fuse_adam(optimizer):
 
     def fused_update_step(grads, variables, learning_rate):
         # alpha = lr * sqrt(1 - beta_2^t) / (1 - beta_1^t), as in Keras's Adam.
-        step = keras.ops.cast(optimizer.iterations + 1, variables[0].dtype)
+        step = (optimizer.iterations.value + 1).to(variables[0].value.dtype)
         learning_rate = keras.ops.cast(learning_rate, variables[0].dtype)
         beta_1, beta_2 = optimizer.beta_1, optimizer.beta_2
         alpha = learning_rate * torch.sqrt(1 - beta_2**step) / (1 - beta_1**step)
