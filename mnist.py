@@ -544,6 +544,7 @@ def write_report(report_dir, history, test_images, test_labels, predictions):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     report_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -559,7 +560,9 @@ def write_report(report_dir, history, test_images, test_labels, predictions):
     accuracy_axes.plot(epochs, [100 * e.val_accuracy for e in history.epochs], "o-")
     accuracy_axes.set(xlabel="epoch", ylabel="%", title="Validation accuracy")
     for axes in (loss_axes, accuracy_axes):
-        axes.xaxis.get_major_locator().set_params(integer=True)
+        # Whole epochs only, a single one included.
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        axes.set_xlim(0.5, len(epochs) + 0.5)
         axes.grid(alpha=0.3)
     figure.tight_layout()
     written.append(_save_figure(figure, report_dir / "training_curves.png"))
